@@ -1,0 +1,1 @@
+"""negtrace: where do medical vision-language models process negation?"""
