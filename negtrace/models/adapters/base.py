@@ -94,7 +94,7 @@ class TowerAdapter(ABC):
     def repeat(self, state: TowerState, index: Tensor) -> TowerState:
         """State for rows ``index`` of the batch (rows may repeat)."""
         mask = state.attn_mask
-        if mask is not None and mask.shape[0] > 1:
+        if mask is not None and mask.ndim == 4 and mask.shape[0] > 1:  # per-example (B, 1, T, T) masks
             mask = mask[index]
         extra = {k: v[index] if isinstance(v, Tensor) and v.shape[:1] == state.pooled_index.shape else v
                  for k, v in state.extra.items()}
