@@ -1,0 +1,139 @@
+"""``negtrace`` command line: demo | trace | plot | build | eval."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+DEMO_SENTENCES = [
+    "there is no pleural effusion.",
+    "there is no pneumothorax.",
+    "there is no focal consolidation.",
+    "there is no cardiomegaly.",
+    "there is no pulmonary edema.",
+    "there is no rib fracture.",
+]
+
+
+def _load_model(spec: str | None, device: str | None):
+    import negtrace
+
+    if spec in (None, "default"):
+        try:
+            return negtrace.load("phantom", device=device)
+        except (ImportError, FileNotFoundError, NotImplementedError) as exc:
+            print(f"[negtrace] embedded phantom model unavailable ({exc}); using a random-initialised tiny "
+                  "CLIP (architecture only: effects are not meaningful)", file=sys.stderr)
+            from negtrace.models.random_models import tiny_open_clip
+
+            return tiny_open_clip()
+    return negtrace.load(spec, device=device)
+
+
+def _print_summary(out: Path) -> None:
+    summary = json.loads((out / "cte.json").read_text())
+    print(f"examples: {summary['n_examples']}  flagged (tiny denominator): {summary['n_flagged']}")
+    for site, values in summary["per_layer_mean"].items():
+        best = max(range(len(values)), key=lambda i: values[i] if values[i] == values[i] else -1e9)
+        print(f"{site:>5}: strongest layer {'emb' if best == 0 else best} (mean CTE {values[best]:.3f})")
+    for cell in summary["top_cells"][:3]:
+        print(f"  top cell: layer {cell['layer']}, {cell['role']}: CTE {cell['cte']:.3f}")
+
+
+def _write_figures(out: Path, formats: list[str]) -> None:
+    try:
+        from negtrace.patching.result import CTEResult
+        from negtrace.plot import heatmap, save_figure
+    except ImportError:
+        return
+    agg = CTEResult.load(out / "cte")
+    fig = heatmap(agg)
+    for fmt in ["html", *formats]:
+        save_figure(fig, out / f"heatmap.{fmt}")
+
+
+def cmd_trace(args) -> int:
+    from negtrace.trace_job import TraceRecord, read_records, run_trace
+
+    model = _load_model(args.model, args.device)
+    if args.input:
+        records = read_records(args.input)
+        base = Path(args.input).parent
+    else:
+        records, base = [TraceRecord(s) for s in DEMO_SENTENCES], Path(".")
+    out = Path(args.out)
+    config = {"model": args.model or "default", "input": str(args.input), "corrupt": args.corrupt,
+              "sites": list(args.sites), "metric": args.metric, "window": args.window, "samples": args.samples}
+    agg = run_trace(model, records, out, config, base, corrupt=args.corrupt, sites=args.sites, metric=args.metric,
+                    window=args.window, samples=args.samples)
+    if agg is None:
+        return 1
+    _write_figures(out, args.formats)
+    _print_summary(out)
+    print(f"results in {out}/ (cte.safetensors, cte.json, heatmap.html)")
+    return 0
+
+
+def cmd_plot(args) -> int:
+    out = Path(args.results)
+    if not (out / "cte.json").exists():
+        print(f"error: {out} holds no results (cte.json missing); run `negtrace trace` first", file=sys.stderr)
+        return 2
+    _write_figures(out, args.formats)
+    print(f"figures written to {out}/")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="negtrace", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    for name, helptext in (("trace", "causal tracing of negation over a file of statements"),
+                           ("demo", "the main job on the embedded default model and its tracing pairs")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("--model", default=None, help="model spec for negtrace.load (default: embedded model)")
+        p.add_argument("--input", default=None, help="JSONL tracing pairs or CSV (text, foil, image)")
+        p.add_argument("--out", default="runs/trace" if name == "trace" else "runs/demo")
+        p.add_argument("--corrupt", default="pair", choices=["pair", "substitute", "noise"])
+        p.add_argument("--sites", nargs="+", default=["resid", "attn", "mlp"], choices=["resid", "attn", "mlp"])
+        p.add_argument("--metric", default=None, choices=["logit", "margin", "option_prob", "cosine"])
+        p.add_argument("--window", type=int, default=1)
+        p.add_argument("--samples", type=int, default=10)
+        p.add_argument("--device", default=None)
+        p.add_argument("--formats", nargs="*", default=[], choices=["png", "svg", "pdf"])
+        p.set_defaults(func=cmd_trace)
+
+    p = sub.add_parser("plot", help="re-render saved results without recomputing")
+    p.add_argument("results", help="output folder of `negtrace trace`")
+    p.add_argument("--formats", nargs="*", default=[], choices=["png", "svg", "pdf"])
+    p.set_defaults(func=cmd_plot)
+
+    try:
+        from negtrace.data.build_cli import configure_build, run_build
+
+        p = sub.add_parser("build", help="build benchmark JSONL (polarity | contextual | pairs)")
+        configure_build(p)
+        p.set_defaults(func=run_build)
+    except ImportError:
+        pass
+    try:
+        from negtrace.evaluate import configure_eval, run_eval
+
+        p = sub.add_parser("eval", help="evaluate a model on the negation benchmarks")
+        configure_eval(p)
+        p.set_defaults(func=run_eval)
+    except ImportError:
+        pass
+
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, OSError, TypeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
