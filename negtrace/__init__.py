@@ -42,7 +42,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .models.hooked import HookedVLM
-    from .models.sites import hook_name
-    from .models.zoo import load, wrap
-    from .negation.cues import find_cues
+    from .models.hooked import HookedVLM  # noqa: F401
+    from .models.sites import hook_name  # noqa: F401
+    from .models.zoo import load, wrap  # noqa: F401
+    from .negation.cues import find_cues  # noqa: F401

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -140,6 +140,8 @@ class CTEResult:
         path = Path(path)
         tensors = load_file(str(path.with_suffix(".safetensors")))
         meta = json.loads(path.with_suffix(".json").read_text())
+        known = {f.name for f in fields(cls)}
+        meta = {k: v for k, v in meta.items() if k in known}  # the JSON may carry summaries too
         meta["sites"] = tuple(meta["sites"])
         meta["grid"] = tuple(meta["grid"]) if meta.get("grid") else None
         return cls(**meta, **tensors)

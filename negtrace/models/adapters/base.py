@@ -100,11 +100,14 @@ class TowerAdapter(ABC):
                  for k, v in state.extra.items()}
         return TowerState(state.pooled_index[index], mask, extra)
 
-    def setup(self) -> None:
-        """Called once at wrap time: install family-specific attention overrides."""
+    def install_heads(self, block_points: Any) -> None:
+        """Called once at wrap time to route per-head sites that no table entry reaches
+        (fused attention); ``block_points[l].attn.hook_z`` / ``.hook_pattern`` are the targets."""
+        return None
 
     def teardown(self) -> None:
-        """Undo :meth:`setup`."""
+        """Undo :meth:`install_heads`."""
+        return None
 
 
 def _to_site_shape(x: Tensor, reshape: Reshape, n_heads: int) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
