@@ -9,7 +9,6 @@ WordPiece) and any Hugging Face fast tokenizer (transformers ``CLIPModel``).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 

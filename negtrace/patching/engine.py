@@ -27,7 +27,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -203,7 +202,6 @@ def sweep(model: HookedVLM, preps: list[PreparedText], tower_inputs: dict, metri
         first = p.first_difference if causal else 0
         positions.append(list(range(first, lengths[b])))
     out: dict[str, Tensor] = {}
-    n_cells = sum(len(pos) for pos in positions) * S
     n_groups = len(sites) * (L + 1) + (L if heads else 0)
     bar = _progress(progress, n_groups, "patching")
     for site in sites:
@@ -236,7 +234,6 @@ def sweep(model: HookedVLM, preps: list[PreparedText], tower_inputs: dict, metri
             bar.update(1)
         head_grid = head_grid.view(B, S, L, H).mean(1)
     bar.close()
-    del n_cells
     return out, head_grid, m_clean, m_corr
 
 
