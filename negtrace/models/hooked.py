@@ -219,10 +219,6 @@ class HookedVLM(HookedRootModule):
         return self.logits(images, texts)
 
     # -- TransformerLens conveniences ----------------------------------------------------
-    def run_with_cache(self, *args, names_filter=None, **kwargs):
-        """As TransformerLens: returns (output, ActivationCache-like dict of name -> tensor)."""
-        return super().run_with_cache(*args, names_filter=names_filter, **kwargs)
-
     def nnsight(self):
         """An nnsight ``NNsight`` view of this wrapper (imported lazily: nnsight patches torch on import).
 

@@ -111,55 +111,61 @@ class _Sweep:
             sl = slice(i, i + self.row_budget)
             yield _Rows(rows.example[sl], rows.corrupted_row[sl], rows.cell[sl], rows.out_index[sl])
 
-    def restore_resid(self, layer: int, rows: _Rows) -> tuple[Tensor, Tensor]:
+    def _restore(self, start: int, rows: _Rows, edit) -> tuple[Tensor, Tensor]:
+        """Run each chunk of ``rows`` from the corrupted state entering block ``start``.
+
+        ``edit(chunk, x)`` returns the start state (possibly with clean values written in) and
+        the hooks that write clean values further up. Returns (restored metric, out_index)."""
         outs, index = [], []
         for chunk in self._chunks(rows):
-            r = torch.arange(chunk.example.shape[0])
-            x = self.corr_h[layer][chunk.corrupted_row].clone()
-            x[r, chunk.cell] = self.clean_h[layer][chunk.example, chunk.cell]
+            x, hooks = edit(chunk, self.corr_h[start][chunk.corrupted_row])
             state = self.adapter.repeat(self.corr_state, chunk.corrupted_row)
-            outs.append(self._finish_rows(x, layer, state, chunk, []))
+            outs.append(self._finish_rows(x, start, state, chunk, hooks))
             index.append(chunk.out_index)
         return torch.cat(outs), torch.cat(index)
+
+    def restore_resid(self, layer: int, rows: _Rows) -> tuple[Tensor, Tensor]:
+        """Restore the residual state entering block ``layer`` at each row's position."""
+        def edit(chunk: _Rows, x: Tensor):
+            x = x.clone()
+            x[torch.arange(x.shape[0]), chunk.cell] = self.clean_h[layer][chunk.example, chunk.cell]
+            return x, []
+        return self._restore(layer, rows, edit)
 
     def restore_site(self, site: str, layers: list[int], rows: _Rows) -> tuple[Tensor, Tensor]:
         """Restore ``site`` (attn/mlp) at every layer of ``layers`` (a ROME window) at each row's position."""
-        outs, index = [], []
-        for chunk in self._chunks(rows):
-            r = torch.arange(chunk.example.shape[0])
-            hooks = []
-            for layer in layers:
-                name = hook_name(self.tower, _SITE_HOOK[site], layer)
-                clean = self.clean_sites[name][chunk.example, chunk.cell]
+        names = [hook_name(self.tower, _SITE_HOOK[site], layer) for layer in layers]
 
-                def write(x, hook, clean=clean, cell=chunk.cell, r=r):
-                    x = x.clone()
-                    x[r, cell] = clean.to(x.dtype)
-                    return x
-                hooks.append((name, write))
-            x = self.corr_h[layers[0]][chunk.corrupted_row]
-            state = self.adapter.repeat(self.corr_state, chunk.corrupted_row)
-            outs.append(self._finish_rows(x, layers[0], state, chunk, hooks))
-            index.append(chunk.out_index)
-        return torch.cat(outs), torch.cat(index)
+        def edit(chunk: _Rows, x: Tensor):
+            return x, [(name, _write_positions(chunk.cell, self.clean_sites[name][chunk.example, chunk.cell]))
+                       for name in names]
+        return self._restore(layers[0], rows, edit)
 
     def restore_heads(self, layer: int, rows: _Rows) -> tuple[Tensor, Tensor]:
         """Restore one head's z at every position (row cell = head index)."""
-        outs, index = [], []
         name = hook_name(self.tower, "z", layer)
-        for chunk in self._chunks(rows):
-            r = torch.arange(chunk.example.shape[0])
-            clean = self.clean_sites[name][chunk.example, :, chunk.cell]  # (R, T, Dh)
 
-            def write(z, hook, clean=clean, cell=chunk.cell, r=r):
-                z = z.clone()
-                z[r, :, cell] = clean.to(z.dtype)
-                return z
-            x = self.corr_h[layer][chunk.corrupted_row]
-            state = self.adapter.repeat(self.corr_state, chunk.corrupted_row)
-            outs.append(self._finish_rows(x, layer, state, chunk, [(name, write)]))
-            index.append(chunk.out_index)
-        return torch.cat(outs), torch.cat(index)
+        def edit(chunk: _Rows, x: Tensor):
+            return x, [(name, _write_heads(chunk.cell, self.clean_sites[name][chunk.example, :, chunk.cell]))]
+        return self._restore(layer, rows, edit)
+
+
+def _write_positions(cell: Tensor, clean: Tensor):
+    """Hook writing ``clean[r]`` (R, D) at position ``cell[r]`` of row r."""
+    def write(x, hook):
+        x = x.clone()
+        x[torch.arange(x.shape[0]), cell] = clean.to(x.dtype)
+        return x
+    return write
+
+
+def _write_heads(cell: Tensor, clean: Tensor):
+    """Hook writing ``clean[r]`` (R, T, Dh) into head ``cell[r]`` of row r's z (R, T, H, Dh)."""
+    def write(z, hook):
+        z = z.clone()
+        z[torch.arange(z.shape[0]), :, cell] = clean.to(z.dtype)
+        return z
+    return write
 
 
 def _window(layer: int, window: int, n_layers: int) -> list[int]:
@@ -357,7 +363,8 @@ def patch(model: HookedVLM, text: str | Sequence[str] | None = None, *, clean: S
 def _patch_batch(model, preps, imgs, corrupt, sites, heads, metric_name, foils, cands, window, samples, noise_scale,
                  generator, min_denominator, memory_mb, progress) -> list[CTEResult]:
     tokenize = model.tokenizer
-    pooled = [int(tokenize([p.clean]).pooled_index[0]) for p in preps]
+    clean_toks = [tokenize([p.clean]) for p in preps]
+    pooled = [int(t.pooled_index[0]) for t in clean_toks]
     pad = 0
     clean_tok = _stack_tokens(preps, "clean", pad, pooled).to(model.device)
     corr_tok = _stack_tokens(preps, "corrupted", pad, pooled)
@@ -388,7 +395,7 @@ def _patch_batch(model, preps, imgs, corrupt, sites, heads, metric_name, foils, 
         hv = None
         if head_metric is not None:
             hv = torch.full_like(head_metric[b], float("nan")) if flagged else (head_metric[b] - mx) / denom
-        tok = tokenize([p.clean])
+        tok = clean_toks[b]
         roles = generic_roles(tok.tokens[0], tok.offsets[0], p.cue_positions, p.subject_positions, pooled[b])
         out.append(CTEResult(values=values, sites=tuple(sites), labels=list(p.tokens), tower="text",
                              metric=metric.name, corruption=corrupt, clean_metric=mc, corrupted_metric=mx,

@@ -216,7 +216,6 @@ def aggregate(results: list[CTEResult], scheme: str = "generic", n_boot: int = 1
         boots = np.nanmean(arr[idx], axis=1)  # (B, site, layer, role)
         lo = np.nanpercentile(boots, 100 * (1 - ci) / 2, axis=0)
         hi = np.nanpercentile(boots, 100 * (1 + ci) / 2, axis=0)
-    n = (~torch.isnan(table[:, -1, -1, :])).sum(0) if table.shape[2] else None
     n = (~torch.isnan(table)).any(dim=(1, 2)).sum(0)
     agg = CTEResult(values=mean, sites=first.sites, labels=list(roles), tower=first.tower, metric=first.metric,
                     corruption=first.corruption, roles=list(roles), window=first.window,
