@@ -54,12 +54,15 @@ class TowerAdapter(ABC):
     tower: Tower
     family: str
     causal: bool  # True when position t cannot see positions > t
-    n_layers: int
     d_model: int
     n_heads: int
     block_table: dict[BlockSite, HookSpec]
     embed_spec: HookSpec
     root: nn.Module  # the module that owns ``embed_spec.path`` and the blocks
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.blocks())
 
     @property
     def d_head(self) -> int:

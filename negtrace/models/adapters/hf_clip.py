@@ -75,7 +75,19 @@ class HFAttentionMixin:
                 module.__dict__.pop("_negtrace_pattern", None)
 
 
-class CLIPTextTower(HFAttentionMixin, TowerAdapter):
+class _CLIPTower(HFAttentionMixin, TowerAdapter):
+    """What both towers of a transformers ``CLIPModel`` share: encoder layers and attention."""
+
+    encoder_owner: nn.Module
+
+    def blocks(self) -> list[nn.Module]:
+        return list(self.encoder_owner.encoder.layers)
+
+    def attention_modules(self) -> list[nn.Module]:
+        return [blk.self_attn for blk in self.blocks()]
+
+
+class CLIPTextTower(_CLIPTower):
     tower = "text"
     family = "hf-clip"
     causal = True
@@ -84,17 +96,10 @@ class CLIPTextTower(HFAttentionMixin, TowerAdapter):
 
     def __init__(self, model: nn.Module):
         self.model = model
-        self.text = self.root = model.text_model
+        self.text = self.root = self.encoder_owner = model.text_model
         self.config = self.text.config
-        self.n_layers = len(self.text.encoder.layers)
         self.d_model = self.config.hidden_size
         self.n_heads = self.config.num_attention_heads
-
-    def blocks(self) -> list[nn.Module]:
-        return list(self.text.encoder.layers)
-
-    def attention_modules(self) -> list[nn.Module]:
-        return [blk.self_attn for blk in self.blocks()]
 
     def _pooled_index(self, ids: Tensor) -> Tensor:
         eos = self.text.eos_token_id
@@ -122,7 +127,7 @@ class CLIPTextTower(HFAttentionMixin, TowerAdapter):
         return self.model.text_projection(pooled)
 
 
-class CLIPVisionTower(HFAttentionMixin, TowerAdapter):
+class CLIPVisionTower(_CLIPTower):
     tower = "vision"
     family = "hf-clip"
     causal = False
@@ -131,20 +136,13 @@ class CLIPVisionTower(HFAttentionMixin, TowerAdapter):
 
     def __init__(self, model: nn.Module):
         self.model = model
-        self.vision = self.root = model.vision_model
+        self.vision = self.root = self.encoder_owner = model.vision_model
         self.config = self.vision.config
-        self.n_layers = len(self.vision.encoder.layers)
         self.d_model = self.config.hidden_size
         self.n_heads = self.config.num_attention_heads
         side = self.config.image_size // self.config.patch_size
         self.grid = (side, side)
         self.image_size = (self.config.image_size, self.config.image_size)
-
-    def blocks(self) -> list[nn.Module]:
-        return list(self.vision.encoder.layers)
-
-    def attention_modules(self) -> list[nn.Module]:
-        return [blk.self_attn for blk in self.blocks()]
 
     def embed(self, inputs: Tensor) -> tuple[Tensor, TowerState]:
         x = self.vision.pre_layrnorm(self.vision.embeddings(inputs))

@@ -72,7 +72,6 @@ class NativeTextTower(_NativeAttentionMixin, TowerAdapter):
         self.model = self.root = model
         self.transformer = model.transformer
         _check_batch_first(self.transformer, "text tower")
-        self.n_layers = len(self.transformer.resblocks)
         self.d_model = self.transformer.width
         self.n_heads = self.transformer.resblocks[0].attn.num_heads
 
@@ -126,7 +125,6 @@ class NativeVisionTower(_NativeAttentionMixin, TowerAdapter):
         _check_batch_first(visual.transformer, "vision tower")
         if getattr(visual, "attn_pool", None) is not None:
             raise NotImplementedError("open_clip vision towers with attentional pooling (CoCa) are not supported yet")
-        self.n_layers = len(visual.transformer.resblocks)
         self.d_model = visual.transformer.width
         self.n_heads = visual.transformer.resblocks[0].attn.num_heads
         self.grid = tuple(visual.grid_size)
@@ -167,7 +165,6 @@ class HFTextTower(HFAttentionMixin, TowerAdapter):
             raise NotImplementedError(f"HF text tower of type {cfg.model_type!r} is not supported; "
                                       "negtrace supports BERT-family encoders")
         self.config = text.transformer.config
-        self.n_layers = len(text.transformer.encoder.layer)
         self.d_model = cfg.hidden_size
         self.n_heads = cfg.num_attention_heads
 
@@ -220,7 +217,6 @@ class TimmVisionTower(TowerAdapter):
         if getattr(trunk, "dynamic_img_size", False):  # patch_embed then returns (B, gh, gw, D)
             self.embed_spec = HookSpec("trunk.patch_embed", "post", "nhwc")
         self.trunk = trunk
-        self.n_layers = len(trunk.blocks)
         self.d_model = trunk.embed_dim
         self.n_heads = trunk.blocks[0].attn.num_heads
         self.grid = tuple(trunk.patch_embed.grid_size)
