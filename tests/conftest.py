@@ -34,6 +34,24 @@ def any_family(request):
                                     "hf_clip": "tiny_hf_clip"}[request.param])
 
 
+CHEXPERT_HEADER = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA"]
+CHEXPERT_CELL = {1: "1.0", 0: "0.0", -1: "-1.0", None: ""}
+
+
+def write_chexpert_csv(path, rows):
+    """Write a CheXpert-layout label CSV. rows: (image path, view, AP/PA, {column: 1/0/-1})"""
+    import csv
+
+    from negtrace.data.findings import LABEL_COLUMNS
+
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow([*CHEXPERT_HEADER, *LABEL_COLUMNS])
+        for image, view, ap_pa, labels in rows:
+            writer.writerow([image, "Male", "50", view, ap_pa] + [CHEXPERT_CELL[labels.get(c)] for c in LABEL_COLUMNS])
+    return path
+
+
 def random_images(model, n=2, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, 3, *model.image_size, generator=g)

@@ -1,9 +1,9 @@
 import argparse
-import csv
 import json
 from pathlib import Path
 
 import pytest
+from conftest import write_chexpert_csv
 
 from negtrace.data.build_cli import configure_build, run_build
 from negtrace.data.contextual import (
@@ -13,22 +13,13 @@ from negtrace.data.contextual import (
     claim_text,
     read_attributes,
 )
-from negtrace.data.findings import LABEL_COLUMNS
 from negtrace.data.labels import read_labels
 from negtrace.data.schema import ContextualItem, FindingAttributes, SchemaError, read_jsonl, write_jsonl
 
-HEADER = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", *LABEL_COLUMNS]
-CELL = {1: "1.0", 0: "0.0", -1: "-1.0", None: ""}
-
 
 def write_labels(path: Path, studies):
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(HEADER)
-        for name, labels in studies:
-            writer.writerow([f"imgs/{name}/view1_frontal.jpg", "Male", "50", "Frontal", "PA"]
-                            + [CELL[labels.get(c)] for c in LABEL_COLUMNS])
-    return path
+    return write_chexpert_csv(path, [(f"imgs/{name}/view1_frontal.jpg", "Frontal", "PA", labels)
+                                     for name, labels in studies])
 
 
 def write_attributes(path: Path, records):

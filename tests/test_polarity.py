@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import write_chexpert_csv
 
 from negtrace.data.build_cli import configure_build, run_build
 from negtrace.data.findings import FINDINGS, LABEL_COLUMNS
@@ -22,19 +23,12 @@ from negtrace.data.polarity import (
 )
 from negtrace.data.schema import PolarityItem, SchemaError, read_jsonl, write_jsonl
 
-HEADER = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", *LABEL_COLUMNS]
-CELL = {1: "1.0", 0: "0.0", -1: "-1.0", None: ""}
-
 
 def write_labels(path: Path, studies):
     """studies: list of (study name, view, {column: value}); one image row each."""
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(HEADER)
-        for name, view, labels in studies:
-            writer.writerow([f"CheXpert-v1.0-small/train/{name}/view1_{view.lower()}.jpg", "Male", "50", view, ""]
-                            + [CELL[labels.get(c)] for c in LABEL_COLUMNS])
-    return path
+    rows = [(f"CheXpert-v1.0-small/train/{name}/view1_{view.lower()}.jpg", view, "", labels)
+            for name, view, labels in studies]
+    return write_chexpert_csv(path, rows)
 
 
 def labels_of(absent=(), present=(), uncertain=(), **extra):
