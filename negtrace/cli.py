@@ -110,22 +110,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--formats", nargs="*", default=[], choices=["png", "svg", "pdf"])
     p.set_defaults(func=cmd_plot)
 
-    try:
-        from negtrace.data.build_cli import configure_build, run_build
+    from negtrace.data.build_cli import configure_build, run_build
+    from negtrace.evaluate import configure_eval, run_eval
 
-        p = sub.add_parser("build", help="build benchmark JSONL (polarity | contextual | pairs)")
-        configure_build(p)
-        p.set_defaults(func=run_build)
-    except ImportError:
-        pass
-    try:
-        from negtrace.evaluate import configure_eval, run_eval
-
-        p = sub.add_parser("eval", help="evaluate a model on the negation benchmarks")
-        configure_eval(p)
-        p.set_defaults(func=run_eval)
-    except ImportError:
-        pass
+    for name, helptext, configure, run in (
+            ("build", "build benchmark JSONL (polarity | contextual | pairs)", configure_build, run_build),
+            ("eval", "evaluate a model on the negation benchmarks", configure_eval, run_eval)):
+        p = sub.add_parser(name, help=helptext)
+        configure(p)
+        p.set_defaults(func=run)
 
     args = parser.parse_args(argv)
     try:
