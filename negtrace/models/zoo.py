@@ -177,9 +177,10 @@ def _load_open_clip(spec: str, pretrained: str | None, tokenizer, preprocess) ->
                          "'local-dir:<folder>' or 'hf:<transformers id or folder>'")
     if spec.startswith("local-dir:") and not Path(spec.split(":", 1)[1]).is_dir():
         raise FileNotFoundError(f"{spec}: no such folder")
-    if pretrained is not None and not is_hub and "/" in pretrained or (pretrained and Path(pretrained).suffix):
-        if not Path(pretrained).is_file():
-            raise FileNotFoundError(f"pretrained weights {pretrained!r} not found")
+    # a pretrained tag ("openai", "laion2b_s34b_b79k") is open_clip's business; a file path is ours to check
+    names_a_file = bool(pretrained) and ((not is_hub and "/" in pretrained) or bool(Path(pretrained).suffix))
+    if names_a_file and not Path(pretrained).is_file():
+        raise FileNotFoundError(f"pretrained weights {pretrained!r} not found")
     if is_hub:
         _fail_fast_hub()
     try:
