@@ -112,10 +112,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from negtrace.data.build_cli import configure_build, run_build
     from negtrace.evaluate import configure_eval, run_eval
+    from negtrace.models.phantom_train import configure_phantom, run_phantom
 
     for name, helptext, configure, run in (
             ("build", "build benchmark JSONL (polarity | contextual | pairs)", configure_build, run_build),
-            ("eval", "evaluate a model on the negation benchmarks", configure_eval, run_eval)):
+            ("eval", "evaluate a model on the negation benchmarks", configure_eval, run_eval),
+            ("phantom", "phantom world: build a dataset | train the embedded model", configure_phantom, run_phantom)):
         p = sub.add_parser(name, help=helptext)
         configure(p)
         p.set_defaults(func=run)
