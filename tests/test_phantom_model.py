@@ -181,3 +181,17 @@ def test_embedded_phantom_loads_offline_and_matches_its_card():
     assert auc["mean"] > 0.6
     emb = model.encode_text(["no pleural effusion.", "pleural effusion."], normalize=True)
     assert torch.isfinite(emb).all()
+
+
+def test_complete_labels_turn_unmentioned_findings_into_absent(trained):
+    from negtrace.data.labels import BLANK, read_labels
+    from negtrace.models.phantom_train import complete_labels
+
+    data, _, _ = trained
+    table = read_labels(data / "labels_test.csv")
+    full = complete_labels(table)
+    before, after = table.findings, full.findings
+    assert (after[before == 1] == 1).all()
+    assert set(np.unique(after).tolist()) <= {0, 1}
+    assert (before == BLANK).any() and (after[before == BLANK] == 0).all()
+    assert np.array_equal(full.values[:, 0], table.values[:, 0])  # "No Finding" untouched

@@ -258,6 +258,22 @@ def _val_metrics(hooked, split: Split, ids: Tensor) -> dict[str, float]:
     return {"val_loss": float(loss), **{f"val_{k}": v for k, v in retrieval_recall(img, txt).items()}}
 
 
+def complete_labels(table):
+    """The phantom's full ground truth: every finding not rendered is absent (0), not blank.
+
+    The label CSV keeps CheXpert's convention (blank = not mentioned in the report), so the
+    MCQ filter (>= 3 absent findings) would keep almost no study; a phantom's absences are
+    known, so the benchmark may use them all."""
+    from dataclasses import replace
+
+    from ..data.findings import PRESENT
+
+    values = table.values.copy()
+    findings = values[:, 1:]
+    findings[findings != PRESENT] = 0
+    return replace(table, values=values)
+
+
 def evaluate_phantom(hooked, data: str | Path, split: str = "test", mcq: bool = True,
                      progress: bool = False) -> dict[str, Any]:
     """Zero-shot finding AUC, image-report retrieval and polarity MCQ accuracy on a phantom split."""
@@ -277,7 +293,7 @@ def evaluate_phantom(hooked, data: str | Path, split: str = "test", mcq: bool = 
         from ..evaluate import evaluate_polarity
 
         try:
-            bench = build_polarity(read_labels(Path(data) / f"labels_{split}.csv"), seed=0)
+            bench = build_polarity(complete_labels(read_labels(Path(data) / f"labels_{split}.csv")), seed=0)
         except NoEligibleStudiesError as exc:
             out["polarity_mcq"] = {"skipped": str(exc)}
             return out
