@@ -48,12 +48,16 @@ def prompt_pair(finding: str) -> tuple[str, str]:
 
 @torch.inference_mode()
 def zero_shot_auc(model, image_embeddings: Float[Tensor, "n d"], present: Bool[np.ndarray, "n f"],
-                  findings: Sequence[str] = FINDINGS) -> dict[str, float]:
+                  findings: Sequence[str] = FINDINGS, mode: str = "pair") -> dict[str, float]:
     """Per-finding zero-shot AUC; ``present[i, j]`` says whether image i shows ``findings[j]``.
 
-    ``image_embeddings`` are unit-normalised image embeddings of the same images.
-    Findings without both positive and negative images get NaN (and are left out of the mean).
+    ``mode="pair"`` scores by the softmax over "{finding}." vs "no {finding}." (CheXzero), which
+    needs the model to read the negation; ``mode="positive"`` scores by the similarity to
+    "{finding}." alone, which does not. ``image_embeddings`` are unit-normalised image
+    embeddings. Findings without both positive and negative images get NaN (left out of the mean).
     """
+    if mode not in ("pair", "positive"):
+        raise ValueError(f"mode must be 'pair' or 'positive', got {mode!r}")
     present = np.asarray(present, dtype=bool)
     if present.shape != (image_embeddings.shape[0], len(findings)):
         raise ValueError(f"present must have shape ({image_embeddings.shape[0]}, {len(findings)}); "
@@ -62,7 +66,8 @@ def zero_shot_auc(model, image_embeddings: Float[Tensor, "n d"], present: Bool[n
     text = model.encode_text(prompts, normalize=True).float().view(len(findings), 2, -1)
     img = image_embeddings.float().to(text.device)
     logits = torch.einsum("nd,fkd->nfk", img, text)
-    p_pos = logits.softmax(-1)[..., 0].cpu().numpy()
+    score = logits.softmax(-1)[..., 0] if mode == "pair" else logits[..., 0]
+    p_pos = score.cpu().numpy()
     out = {f: roc_auc(p_pos[:, j], present[:, j]) for j, f in enumerate(findings)}
     valid = [v for v in out.values() if v == v]
     out["mean"] = float(np.mean(valid)) if valid else float("nan")

@@ -195,3 +195,21 @@ def test_complete_labels_turn_unmentioned_findings_into_absent(trained):
     assert set(np.unique(after).tolist()) <= {0, 1}
     assert (before == BLANK).any() and (after[before == BLANK] == 0).all()
     assert np.array_equal(full.values[:, 0], table.values[:, 0])  # "No Finding" untouched
+
+
+def test_zero_shot_auc_scores_match_a_direct_computation(tiny_clip):
+    from negtrace.alignment import prompt_pair, zero_shot_auc
+
+    findings = ("Cardiomegaly", "Pleural Effusion")
+    g = torch.Generator().manual_seed(4)
+    img = torch.nn.functional.normalize(torch.randn(30, tiny_clip.encode_text(["x"]).shape[-1], generator=g), dim=-1)
+    present = np.random.default_rng(4).random((30, 2)) < 0.5
+    pair = zero_shot_auc(tiny_clip, img, present, findings)
+    positive = zero_shot_auc(tiny_clip, img, present, findings, mode="positive")
+    for j, f in enumerate(findings):
+        pos, neg = tiny_clip.encode_text(list(prompt_pair(f)), normalize=True)
+        s_pos, s_neg = img @ pos, img @ neg
+        assert pair[f] == pytest.approx(roc_auc((s_pos - s_neg).numpy(), present[:, j]))  # softmax is monotone
+        assert positive[f] == pytest.approx(roc_auc(s_pos.numpy(), present[:, j]))
+    with pytest.raises(ValueError, match="mode"):
+        zero_shot_auc(tiny_clip, img, present, findings, mode="both")

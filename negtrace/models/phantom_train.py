@@ -285,6 +285,7 @@ def evaluate_phantom(hooked, data: str | Path, split: str = "test", mcq: bool = 
     img, txt = embed_split(hooked, s, ids)
     out: dict[str, Any] = {"split": split, "n": len(s.captions),
                            "zero_shot_auc": zero_shot_auc(hooked, img, s.present),
+                           "zero_shot_auc_positive_prompt": zero_shot_auc(hooked, img, s.present, mode="positive"),
                            "retrieval": retrieval_recall(img, txt),
                            "distinct_captions": len(set(s.captions))}
     if mcq:
@@ -356,8 +357,12 @@ def _json_safe(obj: Any) -> Any:
 
 def model_card(config: dict[str, Any]) -> str:
     arch, tr, m = config["arch"], config["training"], config.get("metrics", {})
-    auc = m.get("zero_shot_auc", {})
-    rows = "\n".join(f"| {k} | {v:.3f} |" if isinstance(v, float) else f"| {k} | n/a |" for k, v in auc.items())
+    auc, auc_pos = m.get("zero_shot_auc", {}), m.get("zero_shot_auc_positive_prompt", {})
+
+    def cell(v) -> str:
+        return f"{v:.3f}" if isinstance(v, float) else "n/a"
+
+    rows = "\n".join(f"| {k} | {cell(v)} | {cell(auc_pos.get(k))} |" for k, v in auc.items())
     ret = m.get("retrieval", {})
     mcq = m.get("polarity_mcq", {})
 
@@ -394,10 +399,12 @@ torch {tr['torch']}). CLIP contrastive loss only; the captions were not edited t
 negation failures.
 
 ## Metrics (held-out phantom test split, n = {m.get('n', 'n/a')}, measured on the shipped fp16 weights)
-Zero-shot AUC (CheXzero-style prompt pair "{{finding}}." vs "no {{finding}}."):
+Zero-shot AUC, scored two ways: the CheXzero prompt pair (softmax over "{{finding}}." vs
+"no {{finding}}.", which needs the model to read "no") and the positive prompt alone (similarity
+to "{{finding}}."). Where the pair is much worse than the positive prompt, the negation is what fails.
 
-| finding | AUC |
-|---|---|
+| finding | AUC, prompt pair | AUC, positive prompt |
+|---|---|---|
 {rows}
 
 Image→report retrieval R@1 {ret.get('image_to_text_R@1', float('nan')):.3f}, R@5 {ret.get('image_to_text_R@5', float('nan')):.3f};
