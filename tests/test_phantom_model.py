@@ -207,7 +207,7 @@ def test_zero_shot_auc_scores_match_a_direct_computation(tiny_clip):
     pair = zero_shot_auc(tiny_clip, img, present, findings)
     positive = zero_shot_auc(tiny_clip, img, present, findings, mode="positive")
     for j, f in enumerate(findings):
-        pos, neg = tiny_clip.encode_text(list(prompt_pair(f)), normalize=True)
+        pos, neg = tiny_clip.encode_text(list(prompt_pair(f)), normalize=True).detach()
         s_pos, s_neg = img @ pos, img @ neg
         assert pair[f] == pytest.approx(roc_auc((s_pos - s_neg).numpy(), present[:, j]))  # softmax is monotone
         assert positive[f] == pytest.approx(roc_auc(s_pos.numpy(), present[:, j]))
