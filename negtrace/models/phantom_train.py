@@ -308,8 +308,6 @@ def export(model, cfg: TrainConfig, seconds: float, n_train: int, steps: int) ->
     """Write fp16 weights, measure on exactly those weights, write config.json and the model card."""
     from safetensors.torch import save_file
 
-    from .phantom import load_phantom
-
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in model.state_dict().items()}
@@ -324,9 +322,18 @@ def export(model, cfg: TrainConfig, seconds: float, n_train: int, steps: int) ->
                      "command": "negtrace phantom train " + _cli_args(cfg)},
     }
     _atomic_text(out / CONFIG_FILE, json.dumps(config, indent=2))
-    shipped = load_phantom("phantom", folder=out)
-    metrics = evaluate_phantom(shipped, cfg.data, "test")
-    config["metrics"] = _json_safe(metrics)
+    return measure(out, cfg.data)
+
+
+def measure(folder: str | Path, data: str | Path) -> dict[str, Any]:
+    """Evaluate the weights in ``folder`` on the test split of ``data``; record the metrics in
+    its ``config.json`` and rewrite its model card. The weights are not touched."""
+    from .phantom import load_phantom, read_config
+
+    out = Path(folder)
+    config = read_config(out)
+    metrics = evaluate_phantom(load_phantom("phantom", folder=out), data, "test")
+    config["metrics"] = {"data": str(data), **_json_safe(metrics)}
     _atomic_text(out / CONFIG_FILE, json.dumps(config, indent=2))
     _atomic_text(out / "README.md", model_card(config))
     return config
@@ -443,6 +450,10 @@ def configure_phantom(parser: argparse.ArgumentParser) -> None:
         t.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name))
     t.add_argument("--arch", default="phantom", choices=sorted(ARCHS), help="architecture preset")
     t.set_defaults(phantom_func=_run_train)
+    e = sub.add_parser("eval", help="re-measure a trained phantom model; updates its config.json and model card")
+    e.add_argument("--data", required=True, help="folder written by `negtrace phantom build`")
+    e.add_argument("--model-dir", default=str(weights_dir("phantom")))
+    e.set_defaults(phantom_func=_run_eval)
 
 
 def run_phantom(args: argparse.Namespace) -> int:
@@ -454,6 +465,12 @@ def _run_build(args) -> int:
 
     summary = build_phantom_dataset(args.out, args.n_train, args.n_val, args.n_test, size=args.size, seed=args.seed)
     print(summary)
+    return 0
+
+
+def _run_eval(args) -> int:
+    m = measure(args.model_dir, args.data)["metrics"]
+    print(json.dumps({"zero_shot_auc_mean": m["zero_shot_auc"]["mean"], **m["retrieval"]}, indent=1))
     return 0
 
 
