@@ -224,7 +224,8 @@ def patch_grid(result: CTEResult, image=None, layers=None, site: str = "resid", 
 
     Position 0 (CLS) is left out; positions 1.. are patches in row-major order. With
     ``image`` the effects are drawn at ``opacity`` over the grayscale image. ``layers``
-    are layer rows (0 = embedding); by default every row with a measured patch.
+    are layer rows (0 = embedding); by default every row with a measured patch. Corrupted
+    patches (``result.cue_positions``, e.g. those noised) are outlined when not all are.
     """
     if result.tower != "vision" or result.grid is None:
         raise ValueError("patch_grid needs a vision-tower result with a patch grid (result.grid)")
@@ -251,11 +252,25 @@ def patch_grid(result: CTEResult, image=None, layers=None, site: str = "resid", 
         fig.add_trace(go.Heatmap(z=grid, coloraxis="coloraxis", hovertext=hover, hoverinfo="text",
                                  opacity=opacity if gray is not None else 1.0), row=row + 1, col=col + 1)
     _square_panels(fig, len(rows_to_plot), gh, gw)
+    _corrupted_outlines(fig, result, len(rows_to_plot), cols)
     sel = values[rows_to_plot, 1:]
     fig.update_layout(title=dict(text=title or f"{site}: patch CTE — {_subject(result)}"),
                       coloraxis=_coloraxis(result, symmetric_limit(sel)), plot_bgcolor="white",
                       width=120 + 200 * cols, height=120 + 200 * nrows)
     return fig
+
+
+def _corrupted_outlines(fig: go.Figure, result: CTEResult, n_panels: int, cols: int) -> None:
+    """Outline the corrupted patches (``cue_positions``, 1-based) in every panel, unless all are."""
+    gh, gw = result.grid
+    patches = [p - 1 for p in result.cue_positions if 1 <= p <= gh * gw]
+    if not patches or len(patches) == gh * gw:
+        return
+    for i in range(n_panels):
+        for k in patches:
+            r, c = divmod(k, gw)
+            fig.add_shape(type="rect", x0=c - 0.5, x1=c + 0.5, y0=r - 0.5, y1=r + 0.5, line=CUE_LINE,
+                          fillcolor="rgba(0,0,0,0)", row=i // cols + 1, col=i % cols + 1)
 
 
 def _image_layer(gray: np.ndarray, gh: int, gw: int) -> go.Heatmap:

@@ -14,8 +14,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from .patching.result import CTEResult, _atomic, aggregate
 
 
@@ -84,41 +82,56 @@ def prepare_output(out: Path, config: dict) -> Path:
     return out / "examples"
 
 
-def _load_image(model, base: Path, ref: str):
-    from PIL import Image
-
-    path = base / ref if (base / ref).is_file() else Path(ref)
-    return model.preprocess(Image.open(path).convert("RGB"))[None]
+def _done(examples: Path, n: int) -> list[int]:
+    """Indices whose result files are both on disk (from an earlier, interrupted run)."""
+    return [i for i in range(n) if (examples / f"{i:05d}.json").exists()
+            and (examples / f"{i:05d}.safetensors").exists()]
 
 
 def run_trace(model, records: list[TraceRecord], out: Path, config: dict, base: Path, *, corrupt="pair",
-              sites=("resid",), metric=None, heads=False, window=1, samples=10, stop_after: int | None = None,
-              progress: bool = True) -> CTEResult | None:
-    """Trace every record (skipping those already on disk), then aggregate. ``stop_after``
-    simulates an interruption (tests)."""
-    from .patching.engine import patch
+              sites=("resid",), metric=None, heads=False, window=1, samples=10, batch_size: int = 1, seed: int = 0,
+              stop_after: int | None = None, progress: bool = True) -> CTEResult | None:
+    """Trace every record (skipping those already on disk), then aggregate and write the summary.
 
-    examples = prepare_output(out, config)
-    results: list[CTEResult] = []
-    done = 0
-    for i, rec in enumerate(tqdm(records, desc="tracing", disable=not progress)):
-        target = examples / f"{i:05d}"
-        if target.with_suffix(".json").exists() and target.with_suffix(".safetensors").exists():
-            results.append(CTEResult.load(target))
-            continue
-        if stop_after is not None and done >= stop_after:
-            return None
-        image = _load_image(model, base, rec.image) if rec.image else None
-        res = patch(model, rec.clean, corrupted=rec.corrupted if corrupt == "pair" else None, image=image,
-                    corrupt=corrupt, sites=tuple(sites), metric=metric, heads=heads, window=window,
-                    samples=samples, progress=False)
-        res.save(target)
-        results.append(res)
-        done += 1
+    Under ``torch.distributed`` (e.g. ``torchrun``) records are sharded over ranks (see
+    :mod:`negtrace.patching.distributed`); every rank returns the same aggregate and only rank 0
+    writes files. Each result is written as soon as rank 0 has it, so an interrupted run
+    resumes. ``batch_size`` records share one sweep: faster, but results then depend on the
+    batch's composition at float32 rounding level (~1e-7), so resumed or sharded runs match an
+    uninterrupted one bit for bit only with ``batch_size=1`` (the default). ``stop_after``
+    traces only that many new records and returns None (simulates an interruption, for tests)."""
+    from .patching.distributed import broadcast_from_rank0, patch_dataset, rank_and_world
+
+    rank, _ = rank_and_world()
+    examples = out / "examples"
+
+    def setup() -> list[int]:
+        prepare_output(out, config)
+        return _done(examples, len(records))
+    done = broadcast_from_rank0(setup)  # one view of the folder for every rank, taken before anything is written
+    done_set = set(done)
+    todo = [i for i in range(len(records)) if i not in done_set]
+    interrupted = stop_after is not None and len(todo) > stop_after
+    todo = todo[:stop_after] if stop_after is not None else todo
+
+    def write(i: int, res: CTEResult) -> None:
+        if rank == 0:
+            res.save(examples / f"{i:05d}")
+    new = patch_dataset(model, records, indices=todo, base=base, corrupt=corrupt, batch_size=batch_size, seed=seed,
+                        progress=progress, on_result=write, sites=tuple(sites), metric=metric, heads=heads,
+                        window=window, samples=samples)
+    by_index = dict(zip(todo, new, strict=True))
+    for i, res in by_index.items():  # results computed on other ranks
+        if rank == 0 and not (examples / f"{i:05d}.json").exists():
+            res.save(examples / f"{i:05d}")
+    if interrupted:
+        return None
+    results = [by_index[i] if i in by_index else CTEResult.load(examples / f"{i:05d}") for i in range(len(records))]
     agg = aggregate(results)
-    agg.save(out / "cte")
-    summary = summarize(agg, results)
-    _atomic(out / "cte.json", lambda p: Path(p).write_text(json.dumps({**agg.metadata(), **summary}, indent=2)))
+    if rank == 0:
+        agg.save(out / "cte")
+        summary = summarize(agg, results)
+        _atomic(out / "cte.json", lambda p: Path(p).write_text(json.dumps({**agg.metadata(), **summary}, indent=2)))
     return agg
 
 

@@ -184,32 +184,15 @@ def _progress(enabled: bool | None, total: int, desc: str):
     return tqdm(total=total, desc=desc, disable=not enabled if enabled is not None else total < 50, leave=False)
 
 
-@torch.inference_mode()
-def sweep(model: HookedVLM, preps: list[PreparedText], tower_inputs: dict, metric: Metric, *, sites: Sequence[str],
-          heads: bool, window: int, samples: int, noise: Tensor | None, memory_mb: float,
-          progress: bool | None) -> tuple[dict[str, Tensor], Tensor | None, Tensor, Tensor]:
-    """Text-tower sweep over a batch. Returns per-site restored metrics (B, L+1, T_eff) with
-    NaN where nothing was measured, head metrics (B, L, H), m_clean (B,), m_corr (B,)."""
-    tower = "text"
-    adapter = model.adapters[tower]
-    L, B, S = adapter.n_layers, len(preps), samples
-    causal = adapter.causal
-    lengths = [len(p.clean_ids) for p in preps]
-    T = max(lengths)
-    clean_tok, corr_tok = tower_inputs["clean"], tower_inputs["corrupted"]
-    budget = _row_budget(model, tower, T, memory_mb)
-    sw = _Sweep(model, tower, clean_tok, corr_tok, S, noise, sites, heads, metric, budget)
-    ex = torch.arange(B)
-    m_clean = metric(sw.clean_emb, ex)
-    m_corr = metric(sw.corr_emb, ex.repeat_interleave(S)).view(B, S).mean(1)
+def _measure_cells(sw: _Sweep, positions: list[list[int]], T: int, *, sites: Sequence[str], heads: bool,
+                   window: int, progress: bool | None) -> tuple[dict[str, Tensor], Tensor | None]:
+    """Restore every (site, layer row, position) of ``positions`` and every (layer, head); tower-generic.
 
-    positions = []
-    for b, p in enumerate(preps):
-        first = p.first_difference if causal else 0
-        positions.append(list(range(first, lengths[b])))
+    Returns per-site restored metrics (B, L+1, T), mean over samples, NaN where nothing was
+    measured (row 0 of attn/mlp, positions not listed), and head metrics (B, L, H) or None."""
+    L, B, S = sw.L, len(positions), sw.samples
     out: dict[str, Tensor] = {}
-    n_groups = len(sites) * (L + 1) + (L if heads else 0)
-    bar = _progress(progress, n_groups, "patching")
+    bar = _progress(progress, len(sites) * (L + 1) + (L if heads else 0), f"patching {sw.tower}")
     for site in sites:
         grid = torch.full((B * S * (L + 1) * T,), float("nan"))
         for layer_row in range(L + 1):
@@ -220,26 +203,51 @@ def sweep(model: HookedVLM, preps: list[PreparedText], tower_inputs: dict, metri
                 vals, idx = sw.restore_resid(layer_row, rows)
             else:
                 vals, idx = sw.restore_site(site, _window(layer_row - 1, window, L), rows)
-            grid[idx] = vals.float()
+            grid[idx.cpu()] = vals.float().cpu()
             bar.update(1)
-        grid = grid.view(B, S, L + 1, T).mean(1)
-        for b, p in enumerate(preps):  # invariant positions of causal towers: exactly zero effect
-            first = p.first_difference if causal else 0
-            rows_with_values = slice(0, L + 1) if site == "resid" else slice(1, L + 1)
-            grid[b, rows_with_values, :first] = m_corr[b]
-        out[site] = grid
+        out[site] = grid.view(B, S, L + 1, T).mean(1)
     head_grid = None
     if heads:
-        H = adapter.n_heads
+        H = sw.adapter.n_heads
         head_grid = torch.full((B * S * L * H,), float("nan"))
         for layer in range(L):
-            cells = [list(range(H))] * B
-            rows = _cell_rows(cells, S, layer, L, H)
-            vals, idx = sw.restore_heads(layer, rows)
-            head_grid[idx] = vals.float()
+            vals, idx = sw.restore_heads(layer, _cell_rows([list(range(H))] * B, S, layer, L, H))
+            head_grid[idx.cpu()] = vals.float().cpu()
             bar.update(1)
         head_grid = head_grid.view(B, S, L, H).mean(1)
     bar.close()
+    return out, head_grid
+
+
+def _baselines(sw: _Sweep) -> tuple[Tensor, Tensor]:
+    """m(x) per example (B,) and m(x~) averaged over samples (B,), in float32 on the CPU."""
+    B = sw.clean_emb.shape[0]
+    ex = torch.arange(B, device=sw.clean_emb.device)
+    m_clean = sw.metric(sw.clean_emb, ex)
+    m_corr = sw.metric(sw.corr_emb, ex.repeat_interleave(sw.samples)).view(B, sw.samples).mean(1)
+    return m_clean.float().cpu(), m_corr.float().cpu()
+
+
+@torch.inference_mode()
+def sweep(model: HookedVLM, preps: list[PreparedText], tower_inputs: dict, metric: Metric, *, sites: Sequence[str],
+          heads: bool, window: int, samples: int, noise: Tensor | None, memory_mb: float,
+          progress: bool | None) -> tuple[dict[str, Tensor], Tensor | None, Tensor, Tensor]:
+    """Text-tower sweep over a batch. Returns per-site restored metrics (B, L+1, T_eff) with
+    NaN where nothing was measured, head metrics (B, L, H), m_clean (B,), m_corr (B,)."""
+    adapter = model.adapters["text"]
+    lengths = [len(p.clean_ids) for p in preps]
+    T = max(lengths)
+    budget = _row_budget(model, "text", T, memory_mb)
+    sw = _Sweep(model, "text", tower_inputs["clean"], tower_inputs["corrupted"], samples, noise, sites, heads, metric,
+                budget)
+    m_clean, m_corr = _baselines(sw)
+    first = [p.first_difference if adapter.causal else 0 for p in preps]
+    positions = [list(range(f, n)) for f, n in zip(first, lengths, strict=True)]
+    out, head_grid = _measure_cells(sw, positions, T, sites=sites, heads=heads, window=window, progress=progress)
+    for site, grid in out.items():  # invariant positions of causal towers: exactly zero effect
+        rows_with_values = slice(0, None) if site == "resid" else slice(1, None)
+        for b, f in enumerate(first):
+            grid[b, rows_with_values, :f] = m_corr[b]
     return out, head_grid, m_clean, m_corr
 
 
@@ -309,32 +317,17 @@ def _build_metric(model: HookedVLM, name: str | None, images: Tensor | None, cle
     return Metric("option_prob", img, scale, candidates=other)
 
 
-def patch(model: HookedVLM, text: str | Sequence[str] | None = None, *, clean: Sequence[str] | None = None,
-          corrupted: str | Sequence[str] | None = None, image=None, images=None, corrupt: str = "pair",
-          direction: str = "restore_negation", sites: Sequence[str] = ("resid",), heads: bool = False,
-          metric: str | None = None, foil: str | Sequence[str] | None = None,
-          candidates: Sequence[Sequence[str]] | None = None, window: int = 1, samples: int = 10,
-          noise_scale: float = 3.0, seed: int = 0, replacement: str = "the", min_denominator: float = 1e-3,
-          batch_size: int = 32, memory_mb: float = 1024, progress: bool | None = None) -> CTEResult | list[CTEResult]:
-    """Causal tracing of negation in the text tower.
+def _example_seeds(seed: int | Sequence[int], n: int) -> list[int]:
+    """One noise seed per example: ``seed + i`` for an int, else the given sequence (length ``n``)."""
+    if isinstance(seed, int):
+        return [seed + i for i in range(n)]
+    seeds = [int(s) for s in seed]
+    if len(seeds) != n:
+        raise ValueError(f"got {len(seeds)} seeds for {n} examples; pass one int, or one seed per example")
+    return seeds
 
-    ``text``/``clean``: negated statement(s). ``corrupted``: their affirmative counterparts
-    (built from the cue lexicon when omitted, ``corrupt="pair"``). ``direction``:
-    ``"restore_negation"`` restores negated states into the affirmative run (default);
-    ``"restore_affirmation"`` swaps the roles (Quantmeyer et al.'s two directions).
-    Returns one :class:`CTEResult` (``values``: (site, L+1, T)) for a single string, else a list.
-    """
-    texts = _as_list(text) if text is not None else _as_list(clean)
-    if not texts:
-        raise ValueError("no texts to trace: pass a negated statement or clean=[...]")
-    single = isinstance(text, str)
-    corr = _as_list(corrupted)
-    if corr is not None and len(corr) != len(texts):
-        raise ValueError(f"got {len(corr)} corrupted texts for {len(texts)} clean texts")
-    if direction not in ("restore_negation", "restore_affirmation"):
-        raise ValueError("direction must be 'restore_negation' or 'restore_affirmation'")
-    if direction == "restore_affirmation" and corrupt != "pair":
-        raise ValueError("direction='restore_affirmation' needs corrupt='pair' (an affirmative text to restore)")
+
+def _check_common(sites: Sequence[str], window: int, samples: int, corrupt: str, batch_size: int) -> None:
     bad = [s for s in sites if s not in SITES]
     if bad or not sites:
         raise ValueError(f"unknown sites {bad}; choose from {SITES}")
@@ -342,6 +335,84 @@ def patch(model: HookedVLM, text: str | Sequence[str] | None = None, *, clean: S
         raise ValueError("window must be >= 1")
     if corrupt == "noise" and samples < 1:
         raise ValueError("samples must be >= 1")
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+
+
+def _check_tower_arguments(tower: str, given: dict[str, bool]) -> None:
+    """Refuse arguments that belong to the other tower, naming the right one."""
+    if tower not in ("text", "vision"):
+        raise ValueError(f"unknown tower {tower!r}; choose 'text' or 'vision'")
+    text_only = {"clean": "pass the statement as text=", "corrupted": "pass corrupted_image= (or corrupted_images=)",
+                 "candidates": "use metric='logit' or 'margin'", "direction": "swap image= and corrupted_image="}
+    vision_only = ("corrupted_image", "corrupted_images", "patches", "noise_std")
+    for name, used in given.items():
+        if tower == "vision" and name in text_only and used:
+            raise ValueError(f"{name}= applies to the text tower; for tower='vision' {text_only[name]}")
+        if tower == "text" and name in vision_only and used:
+            raise ValueError(f"{name}= applies to the vision tower; pass tower='vision'")
+
+
+def patch(model: HookedVLM, text: str | Sequence[str] | None = None, *, tower: str = "text",
+          clean: Sequence[str] | None = None, corrupted: str | Sequence[str | None] | None = None, image=None,
+          images=None, corrupted_image=None, corrupted_images=None, patches=None, corrupt: str = "pair",
+          direction: str = "restore_negation", sites: Sequence[str] = ("resid",), heads: bool = False,
+          metric: str | None = None, foil: str | Sequence[str] | None = None,
+          candidates: Sequence[Sequence[str]] | None = None, window: int = 1, samples: int = 10,
+          noise_scale: float = 3.0, noise_std: float | None = None, seed: int | Sequence[int] = 0,
+          replacement: str = "the", min_denominator: float = 1e-3, batch_size: int = 32, memory_mb: float = 1024,
+          progress: bool | None = None) -> CTEResult | list[CTEResult]:
+    """Causal tracing of negation in the text tower, or of image evidence in the vision tower.
+
+    Text tower (default). ``text``/``clean``: negated statement(s). ``corrupted``: their
+    affirmative counterparts (built from the cue lexicon when omitted or None, ``corrupt="pair"``).
+    ``direction``: ``"restore_negation"`` restores negated states into the affirmative run
+    (default); ``"restore_affirmation"`` swaps the roles (Quantmeyer et al.'s two directions).
+    Returns one :class:`CTEResult` (``values``: (site, L+1, T)) for a single string, else a list.
+
+    Vision tower (``tower="vision"``). ``image``/``images``: clean image(s), preprocessed
+    (B, 3, H, W) tensors or PIL images; ``text``: the statement(s) whose image-text logit is
+    the metric (default; ``metric="margin"`` with ``foil=``; ``"cosine"`` to the clean image
+    embedding without text). ``corrupt="pair"`` with ``corrupted_image(s)=``, or
+    ``corrupt="noise"`` on ``patches=`` (0-based row-major indices or a boolean (gh, gw) mask;
+    default every patch) with std ``noise_scale`` x the empirical std of the image's patch
+    embeddings (or ``noise_std``). Positions: 0 = CLS, 1.. = patches; ``result.grid = (gh, gw)``.
+    Returns one result for ``image=`` with at most one text, else a list (see
+    :mod:`negtrace.patching.vision`).
+
+    Noise: example ``i`` draws from a generator seeded ``seed + i`` (or ``seed[i]`` for a
+    sequence), so results do not depend on batching. ``batch_size`` examples share one sweep;
+    restoration rows are chunked to fit ``memory_mb``.
+    """
+    _check_tower_arguments(tower, {"clean": clean is not None, "corrupted": corrupted is not None,
+                                   "candidates": candidates is not None,
+                                   "direction": direction != "restore_negation",
+                                   "corrupted_image": corrupted_image is not None,
+                                   "corrupted_images": corrupted_images is not None,
+                                   "patches": patches is not None, "noise_std": noise_std is not None})
+    _check_common(sites, window, samples, corrupt, batch_size)
+    if noise_std is not None and not (math.isfinite(noise_std) and noise_std > 0):
+        raise ValueError(f"noise_std must be a positive number; got {noise_std}")
+    if tower == "vision":
+        from .vision import patch_vision
+
+        return patch_vision(model, _as_list(text), image=image, images=images, corrupted_image=corrupted_image,
+                            corrupted_images=corrupted_images, corrupt=corrupt, patches=patches, sites=tuple(sites),
+                            heads=heads, metric=metric, foils=_as_list(foil), window=window, samples=samples,
+                            noise_scale=noise_scale, noise_std=noise_std, seed=seed,
+                            min_denominator=min_denominator, batch_size=batch_size, memory_mb=memory_mb,
+                            progress=progress)
+    texts = _as_list(text) if text is not None else _as_list(clean)
+    if not texts:
+        raise ValueError("no texts to trace: pass a negated statement or clean=[...]")
+    single = isinstance(text, str)
+    corr = [corrupted] if isinstance(corrupted, str) else (list(corrupted) if corrupted is not None else None)
+    if corr is not None and len(corr) != len(texts):
+        raise ValueError(f"got {len(corr)} corrupted texts for {len(texts)} clean texts")
+    if direction not in ("restore_negation", "restore_affirmation"):
+        raise ValueError("direction must be 'restore_negation' or 'restore_affirmation'")
+    if direction == "restore_affirmation" and corrupt != "pair":
+        raise ValueError("direction='restore_affirmation' needs corrupt='pair' (an affirmative text to restore)")
     foils, cands = _as_list(foil), candidates
     imgs = _images_for(model, image, images, len(texts))
     tokenize = model.tokenizer
@@ -349,19 +420,19 @@ def patch(model: HookedVLM, text: str | Sequence[str] | None = None, *, clean: S
     if direction == "restore_affirmation":
         preps = [PreparedText(p.corrupted, p.clean, p.corrupted_ids, p.clean_ids, tokenize([p.corrupted]).tokens[0],
                               p.cue_positions, p.subject_positions) for p in preps]
+    seeds = _example_seeds(seed, len(preps))
     results: list[CTEResult] = []
-    g = torch.Generator().manual_seed(seed)
     for start in range(0, len(preps), batch_size):
         sl = slice(start, start + batch_size)
         results += _patch_batch(model, preps[sl], imgs[sl] if imgs is not None else None, corrupt, sites, heads,
                                 metric, foils[sl] if foils else None, list(cands[sl]) if cands else None, window,
-                                samples if corrupt == "noise" else 1, noise_scale, g, min_denominator, memory_mb,
-                                progress)
+                                samples if corrupt == "noise" else 1, noise_scale, noise_std, seeds[sl],
+                                min_denominator, memory_mb, progress)
     return results[0] if single else results
 
 
 def _patch_batch(model, preps, imgs, corrupt, sites, heads, metric_name, foils, cands, window, samples, noise_scale,
-                 generator, min_denominator, memory_mb, progress) -> list[CTEResult]:
+                 noise_std, seeds, min_denominator, memory_mb, progress) -> list[CTEResult]:
     tokenize = model.tokenizer
     clean_toks = [tokenize([p.clean]) for p in preps]
     pooled = [int(t.pooled_index[0]) for t in clean_toks]
@@ -376,9 +447,10 @@ def _patch_batch(model, preps, imgs, corrupt, sites, heads, metric_name, foils, 
     noise = None
     if corrupt == "noise":
         emb = model.adapters["text"].root.get_submodule(model.adapters["text"].embed_spec.path)
-        scale = noise_scale * embedding_noise_std(emb.weight)
-        noise = noise_tensor((len(preps), clean_tok.ids.shape[1], model.adapters["text"].d_model),
-                             [p.noise_positions for p in preps], samples, scale, generator).to(model.device)
+        scale = noise_std if noise_std is not None else noise_scale * embedding_noise_std(emb.weight)
+        shape = (1, clean_tok.ids.shape[1], model.adapters["text"].d_model)
+        noise = torch.cat([noise_tensor(shape, [p.noise_positions], samples, scale, torch.Generator().manual_seed(sd))
+                           for p, sd in zip(preps, seeds, strict=True)]).to(model.device)
     with torch.inference_mode():
         metric = _build_metric(model, metric_name, imgs, clean_tok, foils, cands)
         restored, head_metric, m_clean, m_corr = sweep(

@@ -188,8 +188,9 @@ def aggregate(results: list[CTEResult], scheme: str = "generic", n_boot: int = 1
 
     ``scheme="generic"`` uses :data:`GENERIC_ROLES`; ``"quantmeyer"`` the 8 rows of Quantmeyer
     et al. 2024 (template "there is/are a/some/no X."), where the further-subject row is the
-    mean over those tokens within an example. Flagged examples (tiny denominators) are
-    excluded and counted in ``n_excluded``.
+    mean over those tokens within an example. Vision results align by position instead (roles
+    ``CLS``, ``p(r,c)``), so they must share one patch grid. Flagged examples (tiny
+    denominators) are excluded and counted in ``n_excluded``.
     """
     if not results:
         raise ValueError("aggregate() got no results")
@@ -201,6 +202,11 @@ def aggregate(results: list[CTEResult], scheme: str = "generic", n_boot: int = 1
     for r in results:
         if r.sites != first.sites or r.values.shape[:2] != first.values.shape[:2] or r.tower != first.tower:
             raise ValueError("results to aggregate must share sites, layers and tower")
+    if first.tower == "vision":  # roles are CLS and patch coordinates: images of one grid align position by position
+        grids = sorted({tuple(r.grid) if r.grid else None for r in results}, key=str)
+        if len(grids) != 1 or grids[0] is None:
+            raise ValueError(f"vision results to aggregate must share one patch grid; got {grids}")
+        roles, scheme = tuple(first.roles), "generic"
     if not kept:
         raise ValueError(f"all {len(results)} examples were flagged (|m(x) - m(x~)| too small); nothing to aggregate")
     if scheme == "quantmeyer":
