@@ -22,10 +22,17 @@ _EXPORTS = {
     "hook_name": "negtrace.models.sites",
     "find_cues": "negtrace.negation.cues",
     "patch": "negtrace.patching.engine",
+    "patch_dataset": "negtrace.patching.distributed",
     "CTEResult": "negtrace.patching.result",
     "aggregate": "negtrace.patching.result",
     "heatmap": "negtrace.plot",
+    "patch_grid": "negtrace.plot",
     "save_figure": "negtrace.plot",
+    "layer_scales": "negtrace.finetune.scales",
+    "LayerScales": "negtrace.finetune.scales",
+    "param_groups": "negtrace.finetune.selective",
+    "selective_finetune": "negtrace.finetune.loop",
+    "load_finetuned": "negtrace.finetune.loop",
 }
 
 __all__ = sorted(_EXPORTS)

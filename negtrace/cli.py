@@ -20,16 +20,7 @@ DEMO_SENTENCES = [
 def _load_model(spec: str | None, device: str | None):
     import negtrace
 
-    if spec in (None, "default"):
-        try:
-            return negtrace.load("phantom", device=device)
-        except (ImportError, FileNotFoundError, NotImplementedError) as exc:
-            print(f"[negtrace] embedded phantom model unavailable ({exc}); using a random-initialised tiny "
-                  "CLIP (architecture only: effects are not meaningful)", file=sys.stderr)
-            from negtrace.models.random_models import tiny_open_clip
-
-            return tiny_open_clip()
-    return negtrace.load(spec, device=device)
+    return negtrace.load("phantom" if spec in (None, "default") else spec, device=device)
 
 
 def _print_summary(out: Path) -> None:
@@ -54,22 +45,55 @@ def _write_figures(out: Path, formats: list[str]) -> None:
         save_figure(fig, out / f"heatmap.{fmt}")
 
 
+def _rank_device(device: str | None) -> str | None:
+    """Under torchrun, ``cuda`` means this rank's GPU (``cuda:LOCAL_RANK``)."""
+    import os
+
+    if device == "cuda" and "LOCAL_RANK" in os.environ:
+        return f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    return device
+
+
+def _phantom_pairs(model, out: Path):
+    """The main job's inputs: seeded phantoms and the negated statements true of them."""
+    from negtrace.data.phantom_pairs import write_phantom_pairs
+    from negtrace.trace_job import read_records
+
+    folder = out / "phantom_pairs"
+    path = write_phantom_pairs(folder, model.tokenizer, model.image_size[0], progress=False)
+    return read_records(path), folder
+
+
 def cmd_trace(args) -> int:
+    """Trace (sharded over ranks when launched with torchrun; only rank 0 writes and prints)."""
+    from negtrace.patching.distributed import launched_group
+
+    with launched_group() as (rank, _world):
+        return _trace(args, rank)
+
+
+def _trace(args, rank: int) -> int:
     from negtrace.trace_job import TraceRecord, read_records, run_trace
 
-    model = _load_model(args.model, args.device)
+    model = _load_model(args.model, _rank_device(args.device))
+    out = Path(args.out)
     if args.input:
         records = read_records(args.input)
         base = Path(args.input).parent
+    elif args.command == "demo":
+        records, base = _phantom_pairs(model, out)
     else:
         records, base = [TraceRecord(s) for s in DEMO_SENTENCES], Path(".")
-    out = Path(args.out)
     config = {"model": args.model or "default", "input": str(args.input), "corrupt": args.corrupt,
-              "sites": list(args.sites), "metric": args.metric, "window": args.window, "samples": args.samples}
+              "sites": list(args.sites), "metric": args.metric, "window": args.window, "samples": args.samples,
+              **({"seed": args.seed} if args.corrupt == "noise" else {})}
     agg = run_trace(model, records, out, config, base, corrupt=args.corrupt, sites=args.sites, metric=args.metric,
-                    window=args.window, samples=args.samples)
+                    window=args.window, samples=args.samples, batch_size=args.batch_size, seed=args.seed,
+                    progress=not args.no_progress)
     if agg is None:
         return 1
+    if rank != 0:
+        return 0
     _write_figures(out, args.formats)
     _print_summary(out)
     print(f"results in {out}/ (cte.safetensors, cte.json, heatmap.html)")
@@ -101,6 +125,11 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--metric", default=None, choices=["logit", "margin", "option_prob", "cosine"])
         p.add_argument("--window", type=int, default=1)
         p.add_argument("--samples", type=int, default=10)
+        p.add_argument("--seed", type=int, default=0, help="noise seed (record i uses seed + i)")
+        p.add_argument("--batch-size", type=int, default=1,
+                       help="records traced together in one sweep (faster; >1 changes results at float32 rounding "
+                            "level, so resumed/sharded runs are bit-identical only with 1)")
+        p.add_argument("--no-progress", action="store_true", help="no progress bar")
         p.add_argument("--device", default=None)
         p.add_argument("--formats", nargs="*", default=[], choices=["png", "svg", "pdf"])
         p.set_defaults(func=cmd_trace)
@@ -112,12 +141,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from negtrace.data.build_cli import configure_build, run_build
     from negtrace.evaluate import configure_eval, run_eval
+    from negtrace.finetune.cli import configure_finetune, run_finetune
     from negtrace.models.phantom_train import configure_phantom, run_phantom
 
     for name, helptext, configure, run in (
             ("build", "build benchmark JSONL (polarity | contextual | pairs)", configure_build, run_build),
             ("eval", "evaluate a model on the negation benchmarks", configure_eval, run_eval),
-            ("phantom", "phantom world: build a dataset | train the embedded model", configure_phantom, run_phantom)):
+            ("phantom", "phantom world: build a dataset | train the embedded model", configure_phantom, run_phantom),
+            ("finetune", "selective fine-tuning (NAST) with per-layer scales", configure_finetune, run_finetune)):
         p = sub.add_parser(name, help=helptext)
         configure(p)
         p.set_defaults(func=run)
