@@ -242,3 +242,20 @@ def test_layer_out_of_range(tiny_clip):
         tiny_clip.hook_name("text", "resid_post", 4)
     with pytest.raises(ValueError, match="unknown site"):
         hook_name("text", "resid", 0)
+
+
+def test_chexzero_shortcut_builds_openai_quickgelu(tmp_path):
+    """CheXzero is OpenAI CLIP ViT-B/32: QuickGELU, not open_clip's GELU ViT-B-32."""
+    import open_clip
+    from open_clip.transformer import QuickGELU
+
+    import negtrace
+
+    plain = open_clip.create_model("ViT-B-32-quickgelu", pretrained=None)
+    path = tmp_path / "chexzero.pt"
+    torch.save(plain.state_dict(), path)
+    model = negtrace.load("chexzero", pretrained=str(path))
+    assert isinstance(model.unwrap().visual.transformer.resblocks[0].mlp.gelu, QuickGELU)
+    images = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.allclose(model.encode_image(images), plain.eval().encode_image(images), atol=1e-5)

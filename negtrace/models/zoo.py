@@ -21,7 +21,7 @@ from .tokens import BPETokenizer, HFTokenizer
 KNOWN: dict[str, dict] = {
     "biomedclip": {"spec": "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224",
                    "about": "BiomedCLIP (Zhang et al. 2023): PubMedBERT text tower, ViT-B/16 timm trunk"},
-    "chexzero": {"spec": "ViT-B-32", "needs_pretrained": True,
+    "chexzero": {"spec": "ViT-B-32-quickgelu", "needs_pretrained": True,  # OpenAI CLIP uses QuickGELU
                  "about": "CheXzero (Tiu et al. 2022): OpenAI CLIP ViT-B/32 fine-tuned on MIMIC-CXR; pass "
                           "pretrained='path/to/best_64_0.0001_original_*.pt' (download from the CheXzero release)"},
     "pubmedclip": {"spec": "hf:flaviagiammarino/pubmed-clip-vit-base-patch32",
