@@ -237,13 +237,12 @@ def test_data_sources(tmp_path):
 
 
 def test_cli_on_phantom_data(tmp_path):
-    from negtrace.cli import main
-    from negtrace.data.phantom import build_phantom_dataset
-    from negtrace.models.random_models import write_hf_clip_folder
-
     import importlib.util
 
+    from negtrace.cli import main
+    from negtrace.data.phantom import build_phantom_dataset
     from negtrace.data.schema import write_jsonl
+    from negtrace.models.random_models import write_hf_clip_folder
 
     spec = write_hf_clip_folder(tmp_path / "model")
     build_phantom_dataset(tmp_path / "ph", 4, 3, 40, size=32, progress=False)
@@ -304,3 +303,17 @@ def test_accumulation_and_clipping_match_a_manual_sgd_step():
     # unscaled groups are frozen: block 0 is exactly the untouched reference's
     assert torch.equal(trained.model.transformer.resblocks[0].mlp.c_fc.weight,
                        ref.model.transformer.resblocks[0].mlp.c_fc.weight)
+
+
+def test_reports_longer_than_the_context_are_truncated_not_fatal():
+    """Phantom (and real) reports can outrun CLIP's 77 tokens; training cuts them as open_clip does."""
+    g = torch.Generator().manual_seed(2)
+    long = "there is no pleural effusion and no pneumothorax. " * 12
+    model = tiny_open_clip(0)
+    assert model.tokenize([long], truncate=True).lengths.item() == model.tokenizer.context_length
+    ex = [Example(torch.randn(3, 32, 32, generator=g), long + str(i), key=str(i)) for i in range(4)]
+    before = {k: v.clone() for k, v in model.unwrap().state_dict().items()}
+    selective_finetune(model, SCALES, ex, lr=1e-3, steps=1, batch_size=2, progress=False)
+    changed = [k for k, v in model.unwrap().state_dict().items() if not torch.equal(v, before[k])]
+    assert changed and all(k.startswith("transformer.resblocks.1") or k.startswith("transformer.resblocks.2")
+                           for k in changed)
