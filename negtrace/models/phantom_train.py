@@ -397,7 +397,9 @@ sha256 `{config['sha256'][:16]}…`); loaded in fp32.
 `negtrace phantom build` (seeded procedural chest-radiograph phantoms, 13 CheXpert findings with
 prevalences and co-occurrences fitted to CheXpert's label statistics) and report-style captions
 written by `negtrace.data.reports` (present findings with attributes; absent findings stated with
-varied negation, as real reports do). {tr['n_train']} training images.
+varied negation, as real reports do). {tr['n_train']} training images. The dataset of these
+weights is `negtrace phantom build --out DATA` with its defaults (16000 / 500 / 1000 images,
+224 px, seed 0); rendering is deterministic, so it is the same on every machine.
 
 ## Training
 Command: `{tr['command']}` (seed {tr['seed']}, {tr['steps']} steps, batch {tr['batch_size']},
