@@ -24,7 +24,6 @@ every finding, so each finding not present is absent (0), as ``negtrace build co
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import os
@@ -59,29 +58,13 @@ def _ensure_data(args) -> Path:
     return data
 
 
-def complete_labels(data: Path, split: str) -> Path:
-    """A CheXpert CSV of ``split`` where every finding that is not present is absent (0)."""
-    from negtrace.data.findings import FINDINGS, NO_FINDING
-
-    src = data / f"labels_{split}.csv"
-    with open(src, newline="") as f:
-        rows = list(csv.DictReader(f))
-    out = data / f"labels_{split}_complete.csv"
-    with open(out, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        for r in rows:
-            r.update({c: ("1.0" if r[c] == "1.0" else "0.0") for c in FINDINGS})
-            r[NO_FINDING] = "1.0" if not any(r[c] == "1.0" for c in FINDINGS) else "0.0"
-            w.writerow(r)
-    return out
-
-
 def polarity_items(data: Path, split: str, n_items: int | None):
     from negtrace.data.labels import read_labels
     from negtrace.data.polarity import build_polarity
+    from negtrace.models.phantom_train import complete_labels
 
-    return build_polarity(read_labels(complete_labels(data, split)), seed=0, n_items=n_items).items
+    table = complete_labels(read_labels(data / f"labels_{split}.csv"))
+    return build_polarity(table, seed=0, n_items=n_items).items
 
 
 def evaluate(model, data: Path, items, n_boot: int) -> dict:
