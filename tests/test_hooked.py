@@ -259,3 +259,27 @@ def test_chexzero_shortcut_builds_openai_quickgelu(tmp_path):
     images = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         assert torch.allclose(model.encode_image(images), plain.eval().encode_image(images), atol=1e-5)
+
+
+def test_deepcopy_gives_an_independent_hooked_model(any_family):
+    import copy
+
+    import negtrace
+
+    model = any_family
+    twin = copy.deepcopy(model)
+    text = "there is no pleural effusion."
+    images = torch.randn(1, 3, *model.image_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(twin.encode_text([text]), model.encode_text([text]), atol=1e-6)
+        original = negtrace.patch(model, text, image=images, sites=("resid", "attn"), progress=False)
+        copied = negtrace.patch(twin, text, image=images, sites=("resid", "attn"), progress=False)
+        assert torch.allclose(original.values, copied.values, atol=1e-4, equal_nan=True)
+        _, cache = twin.run_with_cache(texts=[text], names_filter=lambda n: n.endswith("blocks.0.hook_resid_post"))
+        assert list(cache.keys()) == ["text.blocks.0.hook_resid_post"]
+        before = model.encode_text([text]).clone()
+        for p in twin.model.parameters():
+            p.add_(0.1)
+        assert torch.equal(model.encode_text([text]), before)  # the original is untouched
+        assert not torch.allclose(twin.encode_text([text]), before)
+        assert torch.allclose(twin.logit_scale, twin.model.logit_scale.exp())

@@ -9,6 +9,7 @@ hooks registered on the original submodules route their activations through them
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -62,7 +63,7 @@ class HookedVLM(HookedRootModule):
 
     def __init__(self, model: nn.Module, text: TowerAdapter, vision: TowerAdapter, tokenizer: Callable,
                  preprocess: Callable | None = None, name: str = "model",
-                 logit_scale: Callable[[], Tensor] | None = None):
+                 logit_scale: Callable[[nn.Module], Tensor] | None = None):
         super().__init__()
         self.model = model
         self.adapters: dict[Tower, TowerAdapter] = {"text": text, "vision": vision}
@@ -98,6 +99,19 @@ class HookedVLM(HookedRootModule):
                     self._handles.append(attach(module, spec, block_points.point(site), adapter.n_heads))
             adapter.install_heads(points.blocks)
 
+    def __deepcopy__(self, memo: dict) -> HookedVLM:
+        """A wrapper around a deep copy of the model, with its own hook points.
+
+        The forward hooks on the wrapped modules close over this wrapper's hook points, so
+        they are taken off while the model and its adapters are copied, and put back after."""
+        self.unwrap()
+        try:
+            model, adapters = copy.deepcopy((self.model, self.adapters), memo)
+        finally:
+            self._install()
+        return HookedVLM(model, adapters["text"], adapters["vision"], self.tokenizer, self.preprocess,
+                         name=self.name_, logit_scale=self._logit_scale)
+
     def unwrap(self) -> nn.Module:
         """Remove every hook from the wrapped model and return it, as it was."""
         for handle in self._handles:
@@ -122,7 +136,7 @@ class HookedVLM(HookedRootModule):
     def logit_scale(self) -> Tensor:
         """The contrastive temperature (exp of the model's log-scale, read at call time)."""
         if self._logit_scale is not None:
-            return self._logit_scale()
+            return self._logit_scale(self.model)
         return torch.ones((), device=self.device)
 
     def hook_name(self, tower: Tower, site: BlockSite | TowerSite | str, layer: int | None = None) -> str:

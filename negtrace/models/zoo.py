@@ -82,7 +82,7 @@ def _wrap_open_clip(model: nn.Module, tokenizer, preprocess: Callable | None, na
         preprocess = open_clip.image_transform(vision.image_size, is_train=False,
                                                mean=cfg.get("mean"), std=cfg.get("std"))
     wrapped = HookedVLM(model, text, vision, tok, preprocess, name=name,
-                        logit_scale=lambda: model.logit_scale.exp())
+                        logit_scale=lambda m: m.logit_scale.exp())
     return wrapped
 
 
@@ -99,7 +99,7 @@ def _wrap_hf_clip(model: nn.Module, tokenizer, preprocess: Callable | None, name
     if preprocess is None:
         preprocess = _default_preprocess(model.config.vision_config.image_size)
     wrapped = HookedVLM(model, text, vision, tokenizer, preprocess, name=name,
-                        logit_scale=lambda: model.logit_scale.exp())
+                        logit_scale=lambda m: m.logit_scale.exp())
     return wrapped
 
 
