@@ -4,7 +4,7 @@ The ``.ipynb`` files are what is committed and what ``tests/test_notebooks.py`` 
 this script is how they are edited. Setup and use (from the repository root):
 
     python3 -m venv .venv && . .venv/bin/activate && pip install -e ".[dev]"
-    python notebooks/build_notebooks.py          # rewrites notebooks/01_*.ipynb and 02_*.ipynb
+    python notebooks/build_notebooks.py          # rewrites notebooks/01_*, 02_* and 03_*.ipynb
     NEGTRACE_NB_SMALL=1 python -m pytest tests/test_notebooks.py
 
 Notebooks are written without outputs. Every notebook's first code cell is tagged
@@ -644,6 +644,222 @@ print(f"all displayed quantities finite ({kept} examples, strongest attention bl
 ]
 
 
+# ------------------------------------------------------------------------------------------
+# 03: selective fine-tuning (NAST)
+# ------------------------------------------------------------------------------------------
+NB03 = [
+    ("md", """
+# Selective fine-tuning: from a causal-tracing map to per-layer learning rates
+
+Notebooks 01 and 02 found *where* the embedded phantom model processes negation and *how much*
+negation costs it on the polarity MCQ. This notebook closes the loop the NAST recipe proposes
+(Abbasi et al. 2026): trace negation in the text tower, turn the map into one scale per block,
+and fine-tune each block with its own learning rate, so that the blocks that carry negation
+change most. Three runs get the same budget and differ only in the scales:
+
+* **uniform**: every text block at scale 1 (ordinary fine-tuning of the text tower);
+* **shuffled**: the NAST scales permuted across blocks (same values, wrong blocks);
+* **NAST**: the scales from the tracing map.
+
+Everything runs on procedurally rendered phantoms (`negtrace.data.phantom`): no data download.
+"""),
+    ("params", parameters('''\
+N_TRAIN = 64 if SMALL else 2000          # phantom training images (reports as captions)
+N_TEST = 48 if SMALL else 500            # phantom test images (polarity MCQ items)
+IMAGE_SIZE = 224                         # the phantom model's input size
+STEPS = 8 if SMALL else 300              # optimizer steps per run (the same for every run)
+BATCH_SIZE = 16 if SMALL else 32         # examples per step
+LR = 1e-4                                # base learning rate (AdamW); block l trains at LR * s_l
+N_BOOT = 200 if SMALL else 1000          # bootstrap resamples for confidence intervals
+OUT = OUT / "03_selective_finetuning"''')),
+    ("md", """
+## The model and the data
+
+`negtrace.load("phantom")` is the small CLIP trained on the phantom world and shipped with
+negtrace; its weights are stored in fp16 and fine-tuned here in fp32. The training set is
+phantom studies with their report-style captions; for every caption that negates something,
+the loader adds a NegCLIP-style hard negative with the negations flipped ("No pleural
+effusion." → "A pleural effusion."). The test set becomes polarity MCQ items from *complete*
+labels: the phantom world knows every finding, so every finding a study does not have is a
+certain absence (see notebook 02).
+"""),
+    ("code", '''\
+import time
+
+import numpy as np
+import torch
+
+import negtrace as nt
+from negtrace.data.phantom import build_phantom_dataset
+
+torch.manual_seed(SEED)
+model = nt.load("phantom")
+model.model.float()  # fp16 shipped weights: train and evaluate in fp32
+text_adapter = model.adapters["text"]
+print(f"text tower: {text_adapter.n_layers} blocks x {text_adapter.n_heads} heads; images {model.image_size}")'''),
+    ("code", imports("from negtrace.data.labels import read_labels",
+                     "from negtrace.data.polarity import build_polarity",
+                     "from negtrace.finetune.data import load_examples") + COMPLETE_LABELS + '''
+
+
+summary = build_phantom_dataset(OUT / "phantoms", n_train=N_TRAIN, n_val=0, n_test=N_TEST, size=IMAGE_SIZE,
+                                seed=SEED, progress=False)
+print(f"{summary.rendered} images rendered ({summary.skipped} already there) in {summary.seconds:.1f} s")
+train = load_examples(OUT / "phantoms", "phantom", "train")
+complete_csv = complete_label_csv(OUT / "phantoms" / "attributes_test.jsonl", OUT / "labels_test_complete.csv")
+items = build_polarity(read_labels(complete_csv), seed=SEED).items
+with_negative = sum(bool(e.negatives) for e in train)
+print(f"{len(train)} training examples ({with_negative} with a flipped-negation hard negative); "
+      f"{len(items)} polarity items")
+example = next((e for e in train if e.negatives), train[0])
+print("e.g.", repr(example.caption), "->", repr(example.negatives[0]) if example.negatives else "(no negation)")'''),
+    ("md", """
+## Where does the text tower process negation?
+
+The same tracing as `benchmarks/nast_phantom.py`: one negated sentence per finding, *"there is
+no {finding}."*, traced against its affirmative counterpart (*"there is a {finding}."*) with the
+text-only metric (cosine to the clean sentence embedding), restoring each block's attention
+output (`attn`) at each position. `nt.aggregate` averages the maps by position role.
+"""),
+    ("code", '''\
+from negtrace.data.polarity import FINDING_PHRASES
+
+SENTENCES = [f"there is no {phrases[0]}." for phrases in FINDING_PHRASES.values()]
+
+
+def trace(m):
+    results = nt.patch(m, clean=SENTENCES, sites=("attn",), progress=False)
+    return nt.aggregate(results, n_boot=N_BOOT, seed=SEED)
+
+
+started = time.perf_counter()
+agg = trace(model)
+print(f"{len(SENTENCES)} sentences traced in {time.perf_counter() - started:.1f} s, {agg.n_excluded} excluded")
+nt.heatmap(agg, title="Attention-output CTE before fine-tuning")'''),
+    ("md", """
+## From the map to layer scales
+
+`nt.layer_scales` reduces each block's row of the map to one number (`stat="mean"`: the mean
+CTE over position roles; negative means count as 0, they are no evidence that a block processes
+negation) and normalises with a policy: `policy="max"` divides by the largest, so the block that
+carries most of the effect gets scale 1 and the others a fraction of it; `floor=0.05` keeps every
+block trainable. Block *l* then trains with learning rate `LR × s_l`. Groups that get no scale
+(the vision tower, embeddings, final projection) stay frozen.
+
+Why scale the **learning rate** and not the gradient? Under Adam and AdamW each coordinate's step
+is the gradient's running mean divided by its running RMS, so multiplying a block's gradient by
+a constant leaves its step unchanged: "the magnitudes of parameter updates are invariant to
+rescaling of the gradient" (Kingma & Ba 2014, §2.1). The learning rate of a parameter group
+scales the step under any optimizer. (`method="grad"` exists for SGD and warns under Adam;
+`method="lora"` scales each block's LoRA alpha instead.)
+"""),
+    ("code", '''\
+scales = nt.layer_scales(agg, policy="max", stat="mean", site="attn", floor=0.05)
+print(scales)
+print(f"sum of scales {sum(scales.values()):.2f} (uniform: {len(scales)}): with policy='max' the NAST and "
+      "shuffled runs train with a smaller total learning rate than the uniform run")
+scales.figure()'''),
+    ("md", """
+## Three runs at the same budget
+
+Each run starts from the same (shipped) weights and uses the same examples, order, steps,
+batch size and base learning rate; only the scales differ. `selective_finetune` evaluates the
+polarity MCQ before and after (accuracy on the negated and on the affirmative wording of the
+same items, and the gap between them) and writes metrics, evaluations and weights to its
+`out_dir`.
+"""),
+    ("code", '''\
+variants = {"uniform": scales.uniform(), "shuffled": scales.shuffled(SEED), "NAST": scales}
+initial = {k: v.detach().clone() for k, v in model.model.state_dict().items()}
+runs = {}
+for name, variant in variants.items():  # NAST last: `model` keeps its weights for the re-trace below
+    model.model.load_state_dict(initial)  # every run starts from the shipped weights
+    started = time.perf_counter()
+    runs[name] = nt.selective_finetune(model, variant, train, method="lr", lr=LR, steps=STEPS,
+                                       batch_size=BATCH_SIZE, seed=SEED, eval_polarity=items,
+                                       eval_images=str(OUT / "phantoms"), out_dir=OUT / "runs" / name,
+                                       resume=False, progress=False)
+    losses = [h["loss"] for h in runs[name].history]
+    print(f"{name:>8}: {runs[name].steps} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}, "
+          f"{time.perf_counter() - started:.1f} s")
+
+KEYS = {"accuracy_negated": "negated", "accuracy_affirmative": "affirmative", "gap": "gap (aff - neg)"}
+before = {label: runs["uniform"].before["polarity"][key] for key, label in KEYS.items()}
+after = {name: {label: r.after["polarity"][key] for key, label in KEYS.items()} for name, r in runs.items()}
+print(f"\\n{'':>9} " + "".join(f"{label:>18}" for label in KEYS.values()))
+for name, row in {"before": before, **after}.items():
+    print(f"{name:>9} " + "".join(f"{row[label]['value']:>18.3f}" for label in KEYS.values()))'''),
+    ("code", '''\
+import plotly.graph_objects as go
+
+COLORS = {"before": "#7f7f7f", "uniform": "#1f77b4", "shuffled": "#ff7f0e", "NAST": "#b2182b"}
+fig_mcq = go.Figure()
+for name, row in {"before": before, **after}.items():
+    entries = [row[label] for label in KEYS.values()]
+    fig_mcq.add_bar(name=name, x=list(KEYS.values()), y=[e["value"] for e in entries], marker_color=COLORS[name],
+                    error_y=dict(type="data", symmetric=False, array=[e["ci"][1] - e["value"] for e in entries],
+                                 arrayminus=[e["value"] - e["ci"][0] for e in entries]))
+fig_mcq.add_hline(y=0, line_color="black")
+fig_mcq.update_layout(barmode="group", width=820, height=420, yaxis_title="accuracy / gap",
+                      title=f"Polarity MCQ before and after fine-tuning ({len(items)} items, {STEPS} steps x "
+                            f"{BATCH_SIZE}, 95% bootstrap CI)")
+fig_mcq'''),
+    ("md", """
+**Read these bars as a demonstration, not a result.** At notebook size (a few dozen items, a
+handful of steps, one seed) the intervals are wide and the differences between runs are noise.
+The controlled comparison is `benchmarks/nast_phantom.py` (frozen baseline vs uniform vs
+shuffled vs NAST, several seeds, hundreds of items, retrieval and AUC retention), and its result
+on the embedded model is the table in the README ("Does it help?"): at that budget NAST does
+**not** beat the controls.
+"""),
+    ("md", """
+## Did the map move?
+
+Tracing the NAST-fine-tuned model again with the same sentences shows whether training changed
+where negation is processed: the same heatmap after training, and the per-block mean CTE
+(the statistic the scales came from) before and after.
+"""),
+    ("code", '''\
+agg_after = trace(model)  # the NAST run trained `model` in place, last
+per_block_before = agg.per_layer("attn", "mean").numpy()[1:]
+per_block_after = agg_after.per_layer("attn", "mean").numpy()[1:]
+for layer, (b, a) in enumerate(zip(per_block_before, per_block_after, strict=True)):
+    print(f"text.blocks.{layer}: scale {scales[f'text.blocks.{layer}']:.3f}, mean CTE {b:+.3f} -> {a:+.3f}")
+nt.heatmap(agg_after, title="Attention-output CTE after NAST fine-tuning")'''),
+    ("md", """
+## What to take away
+
+* The scales are a hypothesis read off the map ("train the blocks that carry negation"), and
+  the uniform and shuffled runs are what tests it: a gain that shuffled scales also give comes
+  from the amount of training, not from the map.
+* With `policy="max"` the scaled runs train with less total learning rate than the uniform run;
+  `policy="sum"` keeps the total equal.
+* Change `STEPS`, `LR`, the policy or `method="lora"` in the parameters cell, or run the
+  benchmark, before concluding anything.
+
+The last cell checks that every quantity shown is present and finite.
+"""),
+    ("code", '''\
+import math
+
+assert len(train) >= BATCH_SIZE and len(items) > 0
+assert agg.n_excluded < len(SENTENCES) and agg_after.n_excluded < len(SENTENCES)
+assert len(scales) == text_adapter.n_layers
+assert all(math.isfinite(v) and 0.05 - 1e-9 <= v <= 1 + 1e-9 for v in scales.values())
+assert max(scales.values()) == 1.0
+for name, r in runs.items():
+    assert r.steps == STEPS and len(r.history) == STEPS, name
+    assert all(math.isfinite(h["loss"]) for h in r.history), name
+    assert (OUT / "runs" / name / "model.safetensors").stat().st_size > 0, name
+for row in (before, *after.values()):
+    for entry in row.values():
+        assert math.isfinite(entry["value"]) and all(math.isfinite(c) for c in entry["ci"]), entry
+assert np.isfinite(per_block_before).all() and np.isfinite(per_block_after).all()
+assert len(fig_mcq.data) == 1 + len(runs)
+print(f"all displayed quantities finite ({len(runs)} runs x {STEPS} steps, {len(items)} polarity items)")'''),
+]
+
+
 def build(name: str, cells: list[tuple[str, str]]) -> Path:
     nb = new_notebook(cells=_cells(cells))
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
@@ -654,7 +870,8 @@ def build(name: str, cells: list[tuple[str, str]]) -> Path:
     return path
 
 
-NOTEBOOKS = {"01_where_is_negation.ipynb": NB01, "02_negation_benchmarks.ipynb": NB02}
+NOTEBOOKS = {"01_where_is_negation.ipynb": NB01, "02_negation_benchmarks.ipynb": NB02,
+             "03_selective_finetuning.ipynb": NB03}
 
 
 def main(argv: list[str] | None = None) -> int:

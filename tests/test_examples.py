@@ -62,6 +62,43 @@ def test_example_runs_offline_and_writes_its_outputs(script, tmp_path):
     assert torch.isfinite(agg.values[:, 1:]).any()
     assert "random weights" in proc.stdout and "strongest block per site" in proc.stdout
     assert "<html" in (out / "heatmap.html").read_text()[:2000].lower()
+    if script.stem == "finetune_nast":  # the trace above, then scales -> fine-tuning -> evaluation
+        _check_finetune_outputs(out, runs=("nast", "uniform", "shuffled"), weights="model.safetensors")
+
+
+def _check_finetune_outputs(out: Path, runs: tuple[str, ...], weights: str) -> dict:
+    from negtrace.finetune.scales import LayerScales
+
+    scales = LayerScales.load(out / "scales.json")
+    assert len(scales) > 0 and max(scales.values()) == 1.0 and min(scales.values()) >= 0.05 - 1e-9
+    results = json.loads((out / "results.json").read_text())
+    assert results["random_weights"] is True and results["n_items"] > 0 and set(results["runs"]) == set(runs)
+    assert set(results["before"]) == {"negated", "affirmative", "gap"}
+    for name, run in results["runs"].items():
+        assert run["steps"] == results["budget"]["steps"] and math.isfinite(run["loss_last"]), name
+        for key, value in run["after"].items():
+            assert math.isfinite(value) and math.isfinite(results["before"][key]), (name, key)
+        folder = out / "finetune" / name
+        for f in ("metrics.jsonl", "eval_before.json", "eval_after.json", "run.json", weights):
+            assert (folder / f).is_file() and (folder / f).stat().st_size > 0, (name, f)
+        evaluation = json.loads((folder / "eval_after.json").read_text())["polarity"]
+        assert math.isclose(evaluation["accuracy_negated"]["value"], run["after"]["negated"])
+    if "uniform" in runs:
+        assert set(results["runs"]["uniform"]["scales"].values()) == {1.0}
+    assert "| before |" in (out / "results.md").read_text()
+    return results
+
+
+def test_finetune_example_with_lora_on_a_bert_text_tower(tmp_path):
+    out = tmp_path / "out"
+    started = time.perf_counter()
+    proc = _run(ROOT / "examples" / "finetune_nast.py", "--offline-random", "--arch", "biomedclip", "--method",
+                "lora", "--controls", "--out", str(out), cwd=tmp_path)
+    print(f"finetune_nast.py --method lora: {time.perf_counter() - started:.1f} s")
+    assert proc.returncode == 0, f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    results = _check_finetune_outputs(out, runs=("nast",), weights="adapter.safetensors")
+    assert results["method"] == "lora"
+    assert json.loads((out / "finetune" / "nast" / "adapter.json").read_text())["format"] == "negtrace-lora"
 
 
 def test_trained_weights_are_required_without_offline_random(tmp_path):
