@@ -13,6 +13,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..patching.result import _atomic
 from .findings import FINDINGS
 from .labels import read_labels
 from .pairs import DEFAULT_TEMPLATES, build_tracing_pairs
@@ -50,7 +51,5 @@ def write_phantom_pairs(folder: str | os.PathLike, tokenize, size: int, *, n_ima
     lines = [json.dumps({"clean": p.clean, "corrupted": p.corrupted, "image": p.image_path, "finding": p.finding,
                          "template_id": p.template_id}) for p in pairs.pairs]
     path = root / "pairs.jsonl"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, path)
+    _atomic(path, lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
     return path

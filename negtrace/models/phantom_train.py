@@ -14,7 +14,6 @@ import argparse
 import hashlib
 import json
 import math
-import os
 import platform
 import sys
 import time
@@ -28,7 +27,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..data.findings import FINDINGS
+from ..evaluate import _json_safe
 from ..models.tokens import Tokenized
+from ..patching.result import _atomic
 from .phantom import (
     ARCHS,
     CONFIG_FILE,
@@ -148,16 +149,8 @@ def embed_split(model, split: Split, ids: Tensor, batch_size: int = 256) -> tupl
     return torch.cat(img), torch.cat(txt)
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    _atomic(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def _log(work: Path, record: dict) -> None:
@@ -241,8 +234,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
         val = _val_metrics(hooked, val_split, val_ids)
         model.train()
         _log(work, {"step": step, "epoch": epoch, "epoch_seconds": time.perf_counter() - t_epoch, **val})
-        _atomic_save({"digest": cfg.digest(), "model": model.state_dict(), "optimizer": opt.state_dict(),
-                      "step": step, "epoch": epoch + 1}, ckpt_path)
+        ckpt = {"digest": cfg.digest(), "model": model.state_dict(), "optimizer": opt.state_dict(),
+                "step": step, "epoch": epoch + 1}
+        _atomic(ckpt_path, lambda tmp, ckpt=ckpt: torch.save(ckpt, tmp))
     bar.close()
     model.eval()
     seconds = time.perf_counter() - started
@@ -311,9 +305,7 @@ def export(model, cfg: TrainConfig, seconds: float, n_train: int, steps: int) ->
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in model.state_dict().items()}
-    tmp = out / (WEIGHTS_FILE + ".tmp")
-    save_file(state, str(tmp))
-    os.replace(tmp, out / WEIGHTS_FILE)
+    _atomic(out / WEIGHTS_FILE, lambda tmp: save_file(state, tmp))
     config: dict[str, Any] = {
         "family": "open_clip", "arch": cfg.arch, "sha256": sha256(out / WEIGHTS_FILE), "dtype": "float16",
         "training": {**{k: v for k, v in asdict(cfg).items() if k not in ("arch", "out", "work")},
@@ -348,18 +340,6 @@ def _cli_args(cfg: TrainConfig) -> str:
         if getattr(cfg, k) != getattr(defaults, k):
             parts.append(f"--{k.replace('_', '-')} {getattr(cfg, k)}")
     return " ".join(parts)
-
-
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, (np.floating, np.integer)):
-        return obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
 
 
 def model_card(config: dict[str, Any]) -> str:
